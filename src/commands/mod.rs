@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod ls;
+pub mod reap;
+pub mod run;
