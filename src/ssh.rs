@@ -375,13 +375,6 @@ impl SshSession {
             .with_context(|| format!("Failed to open `{path}` on `{}` over SSH", self.target))?;
         Ok(channel.into_stream())
     }
-
-    pub async fn close(&self) {
-        let _ = self
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
-    }
 }
 
 #[cfg(test)]

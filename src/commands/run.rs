@@ -22,10 +22,14 @@ use crate::ssh::{ConnectError, HostKeyPolicy, Identity, PinnedKey, SshSession, S
 use crate::summary::{InstanceSummary, Summary};
 use crate::tunnel;
 
-/// The reach step retries the SSH handshake this soon after the first refusal, growing the
-/// wait each time up to the cap: sshd usually comes up between two tries of a fixed 5 s poll.
+/// The reach step retries the SSH handshake this soon after a failure, growing the wait each
+/// time up to the cap, while the instance does not answer at all (still booting, or its network
+/// not up yet).
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const RETRY_CAP: Duration = Duration::from_secs(2);
+/// A refused connection means the machine is up and only sshd is missing; cloud-init starts it
+/// within moments, so that phase is polled at this steady, cheap rate (one SYN and one RST).
+const REFUSED_RETRY: Duration = Duration::from_millis(100);
 
 pub async fn run(settings: RunSettings) -> Result<i32> {
     let started = Instant::now();
@@ -133,13 +137,12 @@ async fn on_host(
             ConnectError::Unreachable(error) | ConnectError::Refused(error) => error,
         })
         .with_context(|| format!("Failed to connect to `{target}`"))?;
-    let session = Arc::new(session);
-    let docker = tunnel::docker_over_ssh(session.clone(), &ssh.docker_socket).await?;
+    let docker = tunnel::docker_over_ssh(Arc::new(session), &ssh.docker_socket).await?;
 
+    // The session stays open until teardown is done with it: the Docker client recorded there
+    // holds it, and removing a container after a failure needs it.
     let credentials = registry_credentials(settings, &settings.aws).await?;
-    let outcome = job::run(&docker, &settings.job, credentials, run_id, teardown).await;
-    session.close().await;
-    outcome
+    job::run(&docker, &settings.job, credentials, run_id, teardown).await
 }
 
 /// The job on a freshly launched instance.
@@ -308,7 +311,7 @@ async fn job_on_instance(
 
     let policy = HostKeyPolicy::Pinned(PinnedKey::Key(host_key.public_key().clone()));
     let identity = Identity::Key(client_key);
-    let (session, docker) = reach(
+    let docker = reach(
         &target,
         &identity,
         &policy,
@@ -323,10 +326,10 @@ async fn job_on_instance(
         )
     })?;
 
+    // The session stays open until teardown is done with it: the Docker client recorded there
+    // holds it, and removing a container after a failure needs it.
     let credentials = registry_credentials(settings, &settings.aws).await?;
-    let outcome = job::run(&docker, &settings.job, credentials, run_id, teardown).await;
-    session.close().await;
-    outcome
+    job::run(&docker, &settings.job, credentials, run_id, teardown).await
 }
 
 /// Retries SSH with a short growing backoff until sshd answers with our host key and Docker
@@ -338,7 +341,7 @@ async fn reach(
     policy: &HostKeyPolicy,
     deadline: tokio::time::Instant,
     docker_socket: &str,
-) -> Result<(Arc<SshSession>, Docker)> {
+) -> Result<Docker> {
     let mut wait = FIRST_RETRY;
     let mut attempts = 0u32;
     loop {
@@ -348,11 +351,10 @@ async fn reach(
         let last_error = match SshSession::connect(target, identity, policy, attempt_timeout).await
         {
             Ok(session) => {
-                let session = Arc::new(session);
-                match tunnel::docker_over_ssh(session.clone(), docker_socket).await {
+                match tunnel::docker_over_ssh(Arc::new(session), docker_socket).await {
                     Ok(docker) => {
                         tracing::info!(target = %target, attempts, "Docker answered");
-                        return Ok((session, docker));
+                        return Ok(docker);
                     }
                     Err(error) => error,
                 }
@@ -361,7 +363,8 @@ async fn reach(
             Err(ConnectError::Unreachable(error)) => error,
         };
         tracing::debug!(target = %target, attempts, error = %format!("{last_error:#}"), "not reachable yet");
-        if tokio::time::Instant::now() + wait >= deadline {
+        let next = if is_refused(&last_error) { REFUSED_RETRY } else { wait };
+        if tokio::time::Instant::now() + next >= deadline {
             return Err(last_error)
                 .context(format!(
                     "gave up after {attempts} attempts at the boot timeout"
@@ -370,9 +373,19 @@ async fn reach(
                     "raise --boot-timeout, or check that the security group lets you reach port 22",
                 );
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 3 / 2).min(RETRY_CAP);
+        tokio::time::sleep(next).await;
+        if next == wait {
+            wait = (wait * 3 / 2).min(RETRY_CAP);
+        }
     }
+}
+
+fn is_refused(error: &anyhow::Error) -> bool {
+    let refused = |io: &std::io::Error| io.kind() == std::io::ErrorKind::ConnectionRefused;
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(refused)
+            || matches!(cause.downcast_ref::<russh::Error>(), Some(russh::Error::IO(io)) if refused(io))
+    })
 }
 
 fn generate_key() -> Result<PrivateKey> {
