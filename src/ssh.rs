@@ -228,6 +228,54 @@ impl client::Handler for Handler {
     }
 }
 
+/// A TCP stream that acknowledges every read at once.
+///
+/// sshd leaves Nagle's algorithm on for non-interactive sessions, so when it answers a request
+/// with several small packets (its `Remote:` debug lines, then a channel confirmation) the last
+/// one waits for our ACK of the first, which the kernel delays by up to 40 ms because we have
+/// nothing to send meanwhile. Quick ACKs remove that stall from every channel open, a large
+/// share of a short job's run time; the cost is one setsockopt per read.
+struct QuickAck(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.0).poll_read(context, buffer);
+        if polled.is_ready() {
+            // Best effort: a failure only brings the delayed ACK back.
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(context, buffer)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(context)
+    }
+}
+
 /// Failure kinds that decide whether connecting again can help.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -270,7 +318,11 @@ impl SshSession {
         };
 
         let address = (target.host.as_str(), target.port);
-        let connecting = client::connect(config, address, handler);
+        let connecting = async {
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            client::connect_stream(config, QuickAck(stream), handler).await
+        };
         let handle = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => {
                 return Err(ConnectError::Unreachable(anyhow!(

@@ -350,20 +350,22 @@ async fn reach(
         let attempt_timeout = remaining.min(Duration::from_secs(10));
         let last_error = match SshSession::connect(target, identity, policy, attempt_timeout).await
         {
-            Ok(session) => {
-                match tunnel::docker_over_ssh(Arc::new(session), docker_socket).await {
-                    Ok(docker) => {
-                        tracing::info!(target = %target, attempts, "Docker answered");
-                        return Ok(docker);
-                    }
-                    Err(error) => error,
+            Ok(session) => match tunnel::docker_over_ssh(Arc::new(session), docker_socket).await {
+                Ok(docker) => {
+                    tracing::info!(target = %target, attempts, "Docker answered");
+                    return Ok(docker);
                 }
-            }
+                Err(error) => error,
+            },
             Err(ConnectError::Refused(error)) => return Err(error),
             Err(ConnectError::Unreachable(error)) => error,
         };
         tracing::debug!(target = %target, attempts, error = %format!("{last_error:#}"), "not reachable yet");
-        let next = if is_refused(&last_error) { REFUSED_RETRY } else { wait };
+        let next = if is_refused(&last_error) {
+            REFUSED_RETRY
+        } else {
+            wait
+        };
         if tokio::time::Instant::now() + next >= deadline {
             return Err(last_error)
                 .context(format!(

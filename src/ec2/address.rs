@@ -87,7 +87,7 @@ impl Ec2 {
                         let address: IpAddr = address.parse().with_context(|| {
                             format!("Instance {instance_id} has an unreadable address `{address}`")
                         })?;
-                        tracing::info!(instance = instance_id, %address, "running");
+                        tracing::info!(instance = %instance_id, %address, "running");
                         return Ok(address);
                     }
                     let since = *running_since.get_or_insert_with(Instant::now);
