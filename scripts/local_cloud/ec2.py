@@ -5,8 +5,8 @@ This launcher owns one process that holds:
   address, public and private, is a unique loopback address 127.0.x.y (never 127.0.0.1);
 - a test AMI with a fixed id, written to `<state>/ami_id`;
 - the instance agent (agent.py) that plays cloud-init and sshd for every instance;
-- fault injection for the tests: capacity errors, boot delays and wrong host keys per
-  instance type, spot interruptions;
+- fault injection for the tests: capacity errors, slow RunInstances answers, boot delays and
+  wrong host keys per instance type, spot interruptions;
 - a control HTTP server on 127.0.0.1 (`--control-port`, 5006 by default) that exposes the
   faults and a view of the instances as EC2 received them. `scripts/local-cloud` wraps it.
 
@@ -17,6 +17,7 @@ starts those.
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import ipaddress
 import itertools
@@ -93,11 +94,22 @@ class Faults:
         self.default_boot_delay = default_boot_delay
         self.clear()
 
-    def clear(self) -> None:
+    def clear(self, instance_type: str | None = None) -> None:
+        """Clears every fault, or with `instance_type` only those of that type, so that a test
+        cannot lift the faults another one running beside it depends on."""
         with self._lock:
-            self.capacity: list[dict[str, str | None]] = []
-            self.boot_delays: dict[str, float] = {}
-            self.wrong_host_key_types: set[str] = set()
+            if instance_type is None:
+                self.capacity: list[dict[str, str | None]] = []
+                self.boot_delays: dict[str, float] = {}
+                self.launch_delays: dict[str, float] = {}
+                self.wrong_host_key_types: set[str] = set()
+                return
+            self.capacity = [
+                rule for rule in self.capacity if rule["instance_type"] != instance_type
+            ]
+            self.boot_delays.pop(instance_type, None)
+            self.launch_delays.pop(instance_type, None)
+            self.wrong_host_key_types.discard(instance_type)
 
     def add_capacity(
         self, instance_type: str | None, subnet_id: str | None, market: str | None
@@ -131,6 +143,14 @@ class Faults:
         with self._lock:
             return self.boot_delays.get(instance_type, self.default_boot_delay)
 
+    def set_launch_delay(self, instance_type: str, seconds: float) -> None:
+        with self._lock:
+            self.launch_delays[instance_type] = seconds
+
+    def launch_delay(self, instance_type: str) -> float:
+        with self._lock:
+            return self.launch_delays.get(instance_type, 0.0)
+
     def set_wrong_host_key(self, instance_type: str) -> None:
         with self._lock:
             self.wrong_host_key_types.add(instance_type)
@@ -145,6 +165,7 @@ class Faults:
                 "capacity": list(self.capacity),
                 "default_boot_delay": self.default_boot_delay,
                 "boot_delays": dict(self.boot_delays),
+                "launch_delays": dict(self.launch_delays),
                 "wrong_host_key": sorted(self.wrong_host_key_types),
             }
 
@@ -235,10 +256,15 @@ class LocalEc2:
 
         original_terminate = instances.Instance.terminate
         original_stop = instances.Instance.stop
+        self._terminate_in_moto = original_terminate
 
         # A terminated VM takes its sshd, sessions and containers with it before EC2 answers,
         # so that a test can check the end state as soon as spotrun exits.
         def terminate(instance: Any) -> Any:
+            # EC2 leaves a terminated instance as it is, its state reason (an interruption,
+            # say) included, when it is asked to terminate it again.
+            if instance.state == "terminated":
+                return copy.copy(instance._state)
             previous = original_terminate(instance)
             self.agent.shut_down(instance)
             return previous
@@ -263,6 +289,12 @@ class LocalEc2:
             result = original_run_instances(response)
             self._record_launch(response, launch, result.result)
             self.agent.wake.set()
+            # The instance exists while the caller still waits for its id: what a client
+            # interrupted during RunInstances must still find and terminate.
+            delay = self.faults.launch_delay(launch["instance_type"])
+            if delay > 0:
+                log.info("RunInstances answer held back %.1fs: %s", delay, launch)
+                time.sleep(delay)
             return result
 
         InstanceResponse.run_instances = run_instances
@@ -335,12 +367,15 @@ class LocalEc2:
         from moto.ec2.models.instances import StateReason
 
         instance = self.backend.get_instance(instance_id)
-        instance.terminate()
+        # The reason is in place before the guest goes down: a client that loses its link asks
+        # EC2 at once why, and must not read the user-initiated reason moto's terminate sets.
+        self._terminate_in_moto(instance)
         instance.state_reason = StateReason(
             "Server.SpotInstanceTermination: Spot instance termination",
             "Server.SpotInstanceTermination",
         )
         instance._reason = "Server.SpotInstanceTermination"
+        self.agent.shut_down(instance)
         return self.describe(instance)
 
     def describe(self, instance: Any) -> dict[str, Any]:
@@ -422,10 +457,12 @@ def control_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                 )
             elif self.path == "/faults/boot-delay":
                 faults.set_boot_delay(body.get("instance_type"), float(body["seconds"]))
+            elif self.path == "/faults/launch-delay":
+                faults.set_launch_delay(body["instance_type"], float(body["seconds"]))
             elif self.path == "/faults/wrong-host-key":
                 faults.set_wrong_host_key(body["instance_type"])
             elif self.path == "/faults/clear":
-                faults.clear()
+                faults.clear(body.get("instance_type"))
             elif self.path == "/interrupt":
                 return json.dumps(ec2.interrupt(body["instance_id"]), sort_keys=True) + "\n"
             else:

@@ -49,18 +49,49 @@ pub fn host_run(args: &[&str]) -> (Command, PathBuf) {
 }
 
 /// `spotrun run` on an emulated EC2 instance of `instance_type` (each test uses its own type so
-/// that injected faults stay with it).
+/// that injected faults stay with it), with the test image and a generous boot timeout unless
+/// `args` name their own.
 pub fn instance_run(instance_type: &str, args: &[&str]) -> (Command, PathBuf) {
     let summary = temp_path("summary.json");
-    let mut command = spotrun();
-    command
-        .args(["run", "--instance-type", instance_type])
-        .args(["--image", &cloud("LOCAL_CLOUD_IMAGE")])
-        .args(["--boot-timeout", "60s"])
-        .arg("--summary")
-        .arg(&summary)
-        .args(args);
+    let mut command = aws_command("run");
+    command.args(["--instance-type", instance_type]);
+    let given: Vec<&str> = args
+        .iter()
+        .take_while(|arg| **arg != "--")
+        .copied()
+        .collect();
+    let defaults = [
+        ("--image", cloud("LOCAL_CLOUD_IMAGE")),
+        ("--boot-timeout", "60s".to_owned()),
+    ];
+    for (flag, value) in defaults {
+        if !given.contains(&flag) {
+            command.args([flag, &value]);
+        }
+    }
+    command.arg("--summary").arg(&summary).args(args);
     (command, summary)
+}
+
+/// A spotrun subcommand that talks to EC2, after checking that the environment points it at the
+/// local cloud: nothing may reach a real AWS endpoint or the instance metadata address.
+pub fn aws_command(subcommand: &str) -> Command {
+    assert_local_aws_environment();
+    let mut command = spotrun();
+    command.arg(subcommand);
+    command
+}
+
+pub fn assert_local_aws_environment() {
+    let endpoint = cloud("AWS_ENDPOINT_URL");
+    assert!(
+        endpoint.starts_with("http://127."),
+        "AWS_ENDPOINT_URL={endpoint} is not on loopback"
+    );
+    assert_eq!(cloud("AWS_EC2_METADATA_DISABLED"), "true");
+    for name in ["AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        cloud(name);
+    }
 }
 
 pub fn temp_path(name: &str) -> PathBuf {
@@ -123,7 +154,7 @@ pub fn spawn_until(
     let wanted = marker.to_owned();
     let (seen_sender, seen_receiver) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut seen = false;
+        let mut seen = wanted.is_empty();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !seen && line.contains(&wanted) {
                 seen = true;
@@ -132,7 +163,7 @@ pub fn spawn_until(
             let _ = sender.send(line);
         }
     });
-    if seen_receiver.recv_timeout(within).is_err() {
+    if !marker.is_empty() && seen_receiver.recv_timeout(within).is_err() {
         let _ = child.kill();
         let _ = child.wait();
         let log: Vec<String> = receiver.try_iter().collect();
@@ -142,6 +173,22 @@ pub fn spawn_until(
         );
     }
     (child, receiver)
+}
+
+/// Everything spotrun wrote to stderr, once it has exited (the reader ends with the pipe).
+pub fn collect_log(receiver: mpsc::Receiver<String>) -> Vec<String> {
+    receiver.iter().collect()
+}
+
+/// The instance id from spotrun's `launched instance=i-…` log line.
+pub fn launched_instance(log: &[String]) -> Option<String> {
+    log.iter()
+        .find(|line| line.contains(" launched "))
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("instance="))
+                .map(|id| id.trim_matches('"').to_owned())
+        })
 }
 
 pub fn send_signal(child: &Child, signal: i32) {
@@ -197,6 +244,20 @@ pub fn instances() -> Vec<serde_json::Value> {
         .collect()
 }
 
+pub fn instances_of_type(instance_type: &str) -> Vec<serde_json::Value> {
+    instances()
+        .into_iter()
+        .filter(|instance| instance["instance_type"].as_str() == Some(instance_type))
+        .collect()
+}
+
+pub fn instance(instance_id: &str) -> serde_json::Value {
+    instances()
+        .into_iter()
+        .find(|instance| instance["id"].as_str() == Some(instance_id))
+        .unwrap_or_else(|| panic!("the emulator knows no instance {instance_id}"))
+}
+
 pub fn instances_of_run(run_id: &str) -> Vec<serde_json::Value> {
     instances()
         .into_iter()
@@ -205,7 +266,9 @@ pub fn instances_of_run(run_id: &str) -> Vec<serde_json::Value> {
 }
 
 /// Asserts the run left nothing: no container, and every instance of it terminated (or on its
-/// way there) with its sshd gone.
+/// way there) with its sshd gone. The emulator removes a terminated instance's containers as a
+/// vanished VM would, so a container it had to remove is one spotrun left behind, unless the
+/// instance was taken away under the job (a spot interruption).
 pub fn assert_nothing_left(run_id: &str) {
     assert_eq!(
         containers_of_run(run_id),
@@ -213,11 +276,79 @@ pub fn assert_nothing_left(run_id: &str) {
         "containers left behind"
     );
     for instance in instances_of_run(run_id) {
+        let id = &instance["id"];
         let state = instance["state"].as_str().unwrap_or_default();
         assert!(
             state == "terminated" || state == "shutting-down",
-            "instance {} of run {run_id} is {state}",
-            instance["id"]
+            "instance {id} of run {run_id} is {state}"
         );
+        assert_eq!(instance["sshd"], false, "instance {id} still runs sshd");
+        let interrupted =
+            instance["state_reason"].as_str() == Some("Server.SpotInstanceTermination");
+        if !interrupted {
+            assert_eq!(
+                instance["removed_containers"],
+                serde_json::json!([]),
+                "spotrun left containers on instance {id} for the terminate to take down"
+            );
+        }
     }
+}
+
+/// Faults injected for one instance type, cleared again (for that type only) when dropped, even
+/// by a failing test.
+pub struct Faults {
+    instance_type: String,
+}
+
+impl Faults {
+    pub fn on(instance_type: &str) -> Faults {
+        local_cloud(&["fault", "clear", "--instance-type", instance_type]);
+        Faults {
+            instance_type: instance_type.to_owned(),
+        }
+    }
+
+    /// `scripts/local-cloud fault KIND --instance-type T ARGS…`
+    pub fn inject(&self, kind: &str, args: &[&str]) {
+        let mut all = vec!["fault", kind, "--instance-type", &self.instance_type];
+        all.extend_from_slice(args);
+        local_cloud(&all);
+    }
+}
+
+impl Drop for Faults {
+    fn drop(&mut self) {
+        // No assertion here: a panic while a failed test unwinds would abort the whole run.
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/local-cloud");
+        let _ = Command::new(script)
+            .args(["fault", "clear", "--instance-type", &self.instance_type])
+            .output();
+    }
+}
+
+/// Terminates instances through the EC2 API, as an operator would; for instances a test kept
+/// alive on purpose.
+pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
+    if instance_ids.is_empty() {
+        return Ok(());
+    }
+    assert_local_aws_environment();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(cloud("AWS_ENDPOINT_URL"))
+            .load()
+            .await;
+        aws_sdk_ec2::Client::new(&config)
+            .terminate_instances()
+            .set_instance_ids(Some(instance_ids.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|error| format!("{}", aws_sdk_ec2::error::DisplayErrorContext(error)))
+    })
 }
