@@ -497,3 +497,48 @@ fn missing_image_flag_fails_with_125_and_a_hint() {
         "stderr: {stderr}"
     );
 }
+
+#[test]
+fn timeout_stops_a_job_that_floods_stdout_without_stalling_the_stop() {
+    // Every Docker call shares the SSH session with the attach; if the flood went unread while
+    // the stop call waits for its answer, the stop would hang behind it.
+    let (mut command, summary) = host_run(&[
+        "--timeout",
+        "2s",
+        "--stop-grace",
+        "1s",
+        "--",
+        "cat",
+        "/dev/zero",
+    ]);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let output = finish(&mut command);
+    assert_eq!(
+        output.status.code(),
+        Some(124),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the stop hung: {:?}",
+        started.elapsed()
+    );
+    assert_nothing_left(&run_id(&summary));
+}
+
+#[test]
+fn output_that_starts_at_once_does_not_stall_the_start() {
+    let (mut command, _) = host_run(&["--", "head", "-c", "30000000", "/dev/zero"]);
+    command.stderr(Stdio::piped());
+    let output = finish(&mut command);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    assert_eq!(output.stdout.len(), 30_000_000);
+    assert!(output.stdout.iter().all(|byte| *byte == 0));
+}

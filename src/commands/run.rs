@@ -60,7 +60,10 @@ pub async fn run(settings: RunSettings) -> Result<i32> {
         }
     };
 
-    let failed = !matches!(result, Ok(Outcome::Exited(0)));
+    // A stop by signal is the caller's decision, not a failure to investigate: the instance
+    // goes even with --keep-on-failure.
+    let failed = matches!(result, Err(_) | Ok(Outcome::TimedOut))
+        || matches!(result, Ok(Outcome::Exited(code)) if code != 0);
     teardown
         .finish(failed && settings.ec2.keep_on_failure, &signals)
         .await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
 
@@ -15,8 +15,8 @@ use crate::docker::pull;
 use crate::exit::Outcome;
 use crate::settings::JobSettings;
 
-/// After `--timeout` stops the container, output already on its way still gets this long to
-/// arrive.
+/// After `--timeout` stops the container (SIGTERM, then SIGKILL after the grace period),
+/// output already on its way still gets this long to arrive.
 const DRAIN_AFTER_STOP: Duration = Duration::from_secs(3);
 
 pub async fn run(
@@ -47,15 +47,23 @@ pub async fn run(
     );
 
     let attached = output::attach(docker, &container_id, false).await?;
-    container::start(docker, &container_id).await?;
-    tracing::info!(container = %container::short(&container_id), image = %job.image, "started");
+    let (stdout, stderr) =
+        output::standard_streams().context("Failed to open stdout and stderr")?;
+    let mut sink = Sink::new(stdout, stderr);
 
-    let mut sink = Sink::new(tokio::io::stdout(), tokio::io::stderr());
+    // The output is read from before the start on, and all the way through a stop: every
+    // Docker request shares one SSH session, and a channel whose data nobody reads stalls the
+    // whole session, so an unread attach would hold up the start or stop call's own answer.
     let outcome = {
+        let run_to_end = async {
+            container::start(docker, &container_id).await?;
+            tracing::info!(container = %container::short(&container_id), image = %job.image, "started");
+            container::wait(docker, &container_id).await
+        };
         let finished = async {
             let (_, status) = tokio::try_join!(
                 sink.pump(docker, &container_id, attached.output),
-                container::wait(docker, &container_id),
+                run_to_end
             )?;
             anyhow::Ok(status)
         };
@@ -66,8 +74,9 @@ pub async fn run(
                 status = &mut finished => Outcome::Exited(status?),
                 _ = tokio::time::sleep(timeout) => {
                     tracing::warn!(timeout = %humantime::format_duration(timeout), "job timed out; stopping it");
-                    container::stop(docker, &container_id, job.stop_grace).await?;
-                    let _ = tokio::time::timeout(DRAIN_AFTER_STOP, &mut finished).await;
+                    let drained = tokio::time::timeout(job.stop_grace + DRAIN_AFTER_STOP, &mut finished);
+                    let (stopped, _) = tokio::join!(container::stop(docker, &container_id, job.stop_grace), drained);
+                    stopped?;
                     Outcome::TimedOut
                 }
             },

@@ -14,7 +14,7 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{AttachContainerOptions, LogsOptions};
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use std::io::Write;
 
 type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, DockerError>> + Send>>;
 
@@ -56,7 +56,7 @@ pub struct Sink<Out, Err> {
     pub cursor: OutputCursor,
 }
 
-impl<Out: AsyncWrite + Unpin, Err: AsyncWrite + Unpin> Sink<Out, Err> {
+impl<Out: Write, Err: Write> Sink<Out, Err> {
     pub fn new(stdout: Out, stderr: Err) -> Self {
         Sink {
             stdout,
@@ -73,7 +73,7 @@ impl<Out: AsyncWrite + Unpin, Err: AsyncWrite + Unpin> Sink<Out, Err> {
                 self.cursor.stdout += fresh.len() as u64;
                 if !self.stdout_closed
                     && !fresh.is_empty()
-                    && let Err(error) = write_now(&mut self.stdout, fresh).await
+                    && let Err(error) = write_now(&mut self.stdout, fresh)
                 {
                     if error.kind() != std::io::ErrorKind::BrokenPipe {
                         return Err(error).context("Failed to write the container's stdout");
@@ -87,7 +87,7 @@ impl<Out: AsyncWrite + Unpin, Err: AsyncWrite + Unpin> Sink<Out, Err> {
                 self.cursor.stderr += fresh.len() as u64;
                 if !fresh.is_empty() {
                     // A closed stderr leaves nowhere to report to; the job itself goes on.
-                    let _ = write_now(&mut self.stderr, fresh).await;
+                    let _ = write_now(&mut self.stderr, fresh);
                 }
             }
             LogOutput::StdIn { .. } => {}
@@ -149,9 +149,22 @@ fn take_fresh<'a>(message: &'a [u8], skip: &mut u64) -> &'a [u8] {
     &message[skipped..]
 }
 
-async fn write_now<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    writer.write_all(bytes).await?;
-    writer.flush().await
+/// Writes straight to the descriptor, on this worker thread: handing each chunk to tokio's
+/// blocking pool costs more than the write itself, and `block_in_place` keeps a slow reader
+/// (a full pipe) from stalling the other tasks.
+fn write_now<W: Write>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::task::block_in_place(|| {
+        writer.write_all(bytes)?;
+        writer.flush()
+    })
+}
+
+/// Our stdout and stderr as plain files, without std's line buffering in between.
+pub fn standard_streams() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+    Ok((stdout.into(), stderr.into()))
 }
 
 #[cfg(test)]
@@ -174,7 +187,7 @@ mod tests {
         futures_util::stream::iter(items).boxed()
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn resuming_from_the_log_neither_loses_nor_repeats_bytes() {
         let log = [
             ("out", b"ab".as_slice()),
