@@ -157,7 +157,16 @@ impl Teardown {
             if record.keep {
                 tracing::info!(container = %container::short(&record.container_id), "keeping the container");
             } else {
-                remove_container(&record).await;
+                // An instance that is about to be terminated takes the job with it, so a grace
+                // period would only hold up the termination; on a host that stays, the job gets
+                // its grace.
+                let terminating = !keep_instance && self.lock().launch.is_some();
+                let grace = if terminating {
+                    Duration::ZERO
+                } else {
+                    record.stop_grace
+                };
+                remove_container(&record, grace).await;
             }
         }
 
@@ -209,11 +218,11 @@ impl Teardown {
     }
 }
 
-async fn remove_container(record: &ContainerRecord) {
+async fn remove_container(record: &ContainerRecord, grace: Duration) {
     let id = container::short(&record.container_id);
     // Stopping first gives the job its grace period; removal then cannot fail on a live one.
-    let stop = container::stop(&record.docker, &record.container_id, record.stop_grace);
-    match tokio::time::timeout(record.stop_grace + Duration::from_secs(15), stop).await {
+    let stop = container::stop(&record.docker, &record.container_id, grace);
+    match tokio::time::timeout(grace + Duration::from_secs(15), stop).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             tracing::warn!(container = %id, error = %format!("{error:#}"), "stop failed")

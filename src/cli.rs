@@ -154,6 +154,10 @@ pub struct ContainerArgs {
     #[arg(long, env = "SPOTRUN_CONTAINER_USER", value_name = "USER")]
     pub container_user: Option<String>,
 
+    /// Docker log driver for the container; `default` keeps the daemon's.
+    #[arg(long, env = "SPOTRUN_LOG_DRIVER", value_name = "DRIVER")]
+    pub log_driver: Option<String>,
+
     /// Leave the container on the host after it exits.
     #[arg(long, env = "SPOTRUN_KEEP_CONTAINER")]
     pub keep_container: bool,

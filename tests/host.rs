@@ -542,3 +542,45 @@ fn output_that_starts_at_once_does_not_stall_the_start() {
     assert_eq!(output.stdout.len(), 30_000_000);
     assert!(output.stdout.iter().all(|byte| *byte == 0));
 }
+
+/// The log driver of the run's one container, which `--keep-container` leaves behind; the
+/// container is removed before returning.
+fn log_driver_of_kept_container(extra: &[&str]) -> String {
+    let mut args = vec!["--keep-container"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "echo", "kept"]);
+    let (mut command, summary) = host_run(&args);
+    let output = finish(&mut command);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    let containers = containers_of_run(&run_id(&summary));
+    assert_eq!(containers.len(), 1, "--keep-container kept {containers:?}");
+    let inspect = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.HostConfig.LogConfig.Type}}",
+            &containers[0],
+        ])
+        .output()
+        .unwrap();
+    let removed = std::process::Command::new("docker")
+        .args(["rm", "-f", &containers[0]])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    text(&inspect.stdout).trim().to_owned()
+}
+
+#[test]
+fn containers_log_with_the_local_driver_unless_told_otherwise() {
+    assert_eq!(log_driver_of_kept_container(&[]), "local");
+    assert_eq!(
+        log_driver_of_kept_container(&["--log-driver", "default"]),
+        "json-file"
+    );
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
-use bollard::models::ContainerCreateBody;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
@@ -27,6 +27,7 @@ pub struct ContainerSpec {
     pub workdir: Option<String>,
     pub entrypoint: Option<String>,
     pub user: Option<String>,
+    pub log_driver: Option<String>,
     pub run_id: String,
     pub stdin: bool,
 }
@@ -57,6 +58,13 @@ pub async fn create(docker: &Docker, spec: &ContainerSpec) -> Result<String> {
         open_stdin: Some(spec.stdin),
         stdin_once: Some(spec.stdin),
         tty: Some(false),
+        host_config: Some(HostConfig {
+            log_config: spec.log_driver.as_ref().map(|driver| HostConfigLogConfig {
+                typ: Some(driver.clone()),
+                config: None,
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let response = docker

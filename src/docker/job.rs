@@ -35,6 +35,7 @@ pub async fn run(
         workdir: job.workdir.clone(),
         entrypoint: job.entrypoint.clone(),
         user: job.user.clone(),
+        log_driver: job.log_driver.clone(),
         run_id: run_id.to_owned(),
         stdin: false,
     };
