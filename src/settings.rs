@@ -70,6 +70,9 @@ pub struct JobSettings {
     pub timeout: Option<Duration>,
     pub stop_grace: Duration,
     pub command: Vec<String>,
+    /// Debug builds only: panic once the container has started, so that tests can prove a
+    /// panic still tears everything down. Release builds never set it.
+    pub panic_after_start: bool,
 }
 
 #[derive(Clone)]
@@ -365,6 +368,8 @@ fn job_settings(args: ContainerArgs, file: &Profile) -> Result<JobSettings> {
                 .unwrap_or(DEFAULT_STOP_GRACE),
         },
         command: args.command,
+        panic_after_start: cfg!(debug_assertions)
+            && std::env::var_os("SPOTRUN_DEBUG_PANIC_AFTER_START").is_some(),
     })
 }
 

@@ -584,3 +584,17 @@ fn containers_log_with_the_local_driver_unless_told_otherwise() {
         "json-file"
     );
 }
+
+#[test]
+fn a_panic_after_the_start_still_removes_the_container_and_exits_125() {
+    let (mut command, summary) = host_run(&["--stop-grace", "1s", "--", "sleep", "300"]);
+    command.env("SPOTRUN_DEBUG_PANIC_AFTER_START", "1");
+    let output = finish(&mut command);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert!(
+        stderr.contains("internal error (panic)"),
+        "stderr: {stderr}"
+    );
+    assert_nothing_left(&run_id(&summary));
+}

@@ -757,3 +757,15 @@ fn the_launch_request_carries_keys_dead_man_timer_tags_and_hardening() {
 
     assert_nothing_left(&run_id);
 }
+
+#[test]
+fn a_panic_after_the_start_still_terminates_the_instance_and_exits_125() {
+    let (mut command, summary) = instance_run("c7i.xlarge", &["--", "sleep", "300"]);
+    command.env("SPOTRUN_DEBUG_PANIC_AFTER_START", "1");
+    let output = finish(&mut command);
+    assert_exit(&output, 125);
+    assert!(text(&output.stderr).contains("internal error (panic)"));
+    let run_id = run_id(&summary);
+    assert_eq!(the_instance_of_run(&run_id)["state"], "terminated");
+    assert_nothing_left(&run_id);
+}

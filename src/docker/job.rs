@@ -59,6 +59,9 @@ pub async fn run(
         let run_to_end = async {
             container::start(docker, &container_id).await?;
             tracing::info!(container = %container::short(&container_id), image = %job.image, "started");
+            if job.panic_after_start {
+                panic!("SPOTRUN_DEBUG_PANIC_AFTER_START is set");
+            }
             container::wait(docker, &container_id).await
         };
         let finished = async {
