@@ -15,14 +15,6 @@ use serde_json::Value;
 
 /// Where the scripts and files land on the build instance; the template says the same.
 const FILES_ON_INSTANCE: &str = "/tmp/spotrun-ami-files";
-/// The packages the throwaway root is built with: what the image's scripts expect to find once
-/// the package step (skipped in the test) has run, plus cloud-init and sshd that the base image
-/// already has. python3-cffi-backend is named because debootstrap does not resolve the virtual
-/// package cloud-init's dependencies ask for.
-const ROOT_PACKAGES: &str = "openssh-server,cloud-init,python3-cffi-backend,docker.io,systemd";
-/// Bump when ROOT_PACKAGES changes, so a stale cached root is not reused.
-const ROOT_CACHE_NAME: &str = "bookworm-minbase-1";
-
 fn ami_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("ami")
 }
@@ -633,57 +625,22 @@ fn prepull_script_fails_the_build_when_an_image_cannot_be_pulled() {
     );
 }
 
-/// A Debian bookworm root with what the scripts touch, built once with debootstrap and cached.
+/// The Debian root that `scripts/ami-test-root` builds once (with debootstrap, as setup: the
+/// test itself downloads nothing), found through the same script.
 fn cached_debian_root() -> PathBuf {
-    let cache = std::env::var_os("SPOTRUN_AMI_TEST_ROOT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/spotrun-ami-root")
-        });
-    let root = cache.join(ROOT_CACHE_NAME);
-    if root.join(".spotrun-complete").is_file() {
-        return root;
-    }
-
-    let debootstrap = require_program("debootstrap");
-    fs::create_dir_all(&cache).unwrap();
-    let partial = cache.join(format!("{ROOT_CACHE_NAME}.partial-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&partial);
-    let include = format!("--include={ROOT_PACKAGES}");
-    let mut args = vec![
-        "--variant=minbase",
-        &include,
-        "bookworm",
-        partial.to_str().unwrap(),
-    ];
-    let mirror = std::env::var("SPOTRUN_DEBIAN_MIRROR").unwrap_or_default();
-    if !mirror.is_empty() {
-        args.push(&mirror);
-    }
-    let output = run(&debootstrap, &args);
-    if !output.status.success() {
-        let log =
-            fs::read_to_string(partial.join("debootstrap/debootstrap.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let _ = fs::remove_dir_all(&partial);
-        panic!(
-            "debootstrap failed\n{}\nlog tail:\n{}",
-            describe(&output),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    // The downloaded packages are half the root and no script needs them.
-    for entry in fs::read_dir(partial.join("var/cache/apt/archives")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension() == Some(OsStr::new("deb")) {
-            fs::remove_file(path).unwrap();
-        }
-    }
-    fs::write(partial.join(".spotrun-complete"), ROOT_PACKAGES).unwrap();
-    if fs::rename(&partial, &root).is_err() {
-        // Another run finished first; its root is as good as this one.
-        let _ = fs::remove_dir_all(&partial);
-    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ami-test-root");
+    let output = Command::new(&script).arg("--existing").output().unwrap();
+    assert!(
+        output.status.success(),
+        "no Debian root for the provisioning scripts: run scripts/install-deps\n{}",
+        describe(&output)
+    );
+    let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    assert!(
+        root.join(".spotrun-complete").is_file(),
+        "{} is incomplete",
+        root.display()
+    );
     root
 }
 
