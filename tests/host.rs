@@ -598,3 +598,40 @@ fn a_panic_after_the_start_still_removes_the_container_and_exits_125() {
     );
     assert_nothing_left(&run_id(&summary));
 }
+
+#[test]
+fn an_encrypted_identity_needs_its_passphrase() {
+    let key = temp_path("id_ed25519");
+    std::fs::copy(cloud("LOCAL_CLOUD_IDENTITY"), &key).unwrap();
+    let encrypted = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-p", "-N", "correct horse", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        encrypted.status.success(),
+        "ssh-keygen -p: {}",
+        text(&encrypted.stderr)
+    );
+
+    let (mut command, _) = host_run(&["-i", key.to_str().unwrap(), "--", "true"]);
+    command.env_remove("SPOTRUN_IDENTITY_PASSPHRASE");
+    let output = finish(&mut command);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert!(
+        stderr.contains("hint: an encrypted key needs SPOTRUN_IDENTITY_PASSPHRASE"),
+        "stderr: {stderr}"
+    );
+
+    let (mut command, _) = host_run(&["-i", key.to_str().unwrap(), "--", "echo", "unlocked"]);
+    command.env("SPOTRUN_IDENTITY_PASSPHRASE", "correct horse");
+    let output = finish(&mut command);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    assert_eq!(text(&output.stdout), "unlocked\n");
+}
