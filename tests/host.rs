@@ -14,23 +14,13 @@ use sha2::{Digest, Sha256};
 fn exit_code_of_the_container_is_returned() {
     let (mut command, summary) = host_run(&["--", "sh", "-c", "exit 3"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(3),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 3);
     assert_eq!(common::summary(&summary)["exit_code"], 3);
     assert_nothing_left(&run_id(&summary));
 
     let (mut command, summary) = host_run(&["--", "true"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_nothing_left(&run_id(&summary));
 }
 
@@ -43,12 +33,7 @@ fn stdout_and_stderr_are_kept_apart() {
         "echo to-out; echo to-err >&2; echo more-out",
     ]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "to-out\nmore-out\n");
     let stderr = text(&output.stderr);
     assert!(stderr.contains("to-err\n"), "stderr: {stderr}");
@@ -65,12 +50,7 @@ fn twenty_megabytes_of_binary_output_arrive_byte_exact() {
         "head -c 20000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob";
     let (mut command, _) = host_run(&["--", "sh", "-c", script]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(output.stdout.len(), 20_000_000);
     let local_hash = format!("{:x}", Sha256::digest(&output.stdout));
     let stderr = text(&output.stderr);
@@ -101,12 +81,7 @@ fn env_workdir_and_entrypoint_reach_the_container() {
     ]);
     command.env("SPOTRUN_TEST_PASSTHROUGH", "from the caller");
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(
         text(&output.stdout),
         "hello world|from the caller|file value|/tmp\n"
@@ -117,12 +92,7 @@ fn env_workdir_and_entrypoint_reach_the_container() {
 fn container_user_is_applied() {
     let (mut command, _) = host_run(&["--container-user", "65534", "--", "sh", "-c", "id -u"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "65534\n");
 }
 
@@ -130,12 +100,7 @@ fn container_user_is_applied() {
 fn image_is_pulled_from_the_authenticated_registry_with_docker_config_credentials() {
     let (mut command, _) = host_run(&["--pull", "always", "--", "echo", "pulled"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "pulled\n");
     assert!(
         text(&output.stderr).contains("pulled"),
@@ -170,12 +135,7 @@ fn registry_password_can_come_from_stdin() {
         .write_all(format!("{password}\n").as_bytes())
         .unwrap();
     let output = child.wait_with_output().unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "ok\n");
 }
 
@@ -195,7 +155,7 @@ fn wrong_registry_password_fails_with_125_and_a_clear_message() {
         .env("SPOTRUN_REGISTRY_PASSWORD", "not-the-password");
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(stderr.contains("error: Failed to pull"), "stderr: {stderr}");
     assert!(
         stderr.contains("hint: check the registry credentials"),
@@ -210,7 +170,7 @@ fn unknown_image_fails_with_125() {
     let (mut command, summary) = host_run(&["--image", &image, "--", "true"]);
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(stderr.contains("no-such-image"), "stderr: {stderr}");
     assert_nothing_left(&run_id(&summary));
 }
@@ -230,7 +190,7 @@ fn wrong_host_key_is_refused_with_125_and_no_container_is_created() {
         host_run(&["--known-hosts", known_hosts.to_str().unwrap(), "--", "true"]);
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(stderr.contains("not the expected one"), "stderr: {stderr}");
     assert!(!stderr.contains("started"), "a container ran: {stderr}");
     assert_nothing_left(&run_id(&summary));
@@ -242,12 +202,7 @@ fn unknown_host_key_is_refused_in_strict_mode_and_learned_with_accept_new() {
     let (mut command, _) =
         host_run(&["--known-hosts", known_hosts.to_str().unwrap(), "--", "true"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(125),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 125);
     assert!(text(&output.stderr).contains("not in known_hosts"));
 
     let (mut command, _) = host_run(&[
@@ -259,12 +214,7 @@ fn unknown_host_key_is_refused_in_strict_mode_and_learned_with_accept_new() {
         "true",
     ]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     let learned = std::fs::read_to_string(&known_hosts).unwrap();
     let expected_key = cloud("LOCAL_CLOUD_HOST_KEY");
     let expected_blob = expected_key.split_whitespace().nth(1).unwrap();
@@ -284,12 +234,7 @@ fn host_key_can_be_pinned_by_key_or_fingerprint() {
         "true",
     ]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
 
     let key_file = temp_path("host.pub");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
@@ -306,12 +251,7 @@ fn host_key_can_be_pinned_by_key_or_fingerprint() {
     assert!(fingerprint.starts_with("SHA256:"));
     let (mut command, _) = host_run(&["--host-key", &fingerprint, "--", "true"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
 
     let (mut command, _) = host_run(&[
         "--host-key",
@@ -320,12 +260,7 @@ fn host_key_can_be_pinned_by_key_or_fingerprint() {
         "true",
     ]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(125),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 125);
 }
 
 #[test]
@@ -351,12 +286,7 @@ fn hashed_known_hosts_entries_are_honoured() {
     let (mut command, _) =
         host_run(&["--known-hosts", known_hosts.to_str().unwrap(), "--", "true"]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
 }
 
 #[test]
@@ -402,12 +332,7 @@ fn ssh_agent_is_used_when_no_identity_is_given() {
     let output = finish(&mut command);
     let _ = agent.kill();
     let _ = agent.wait();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "via-agent\n");
 }
 
@@ -447,12 +372,7 @@ fn timeout_stops_the_job_exits_124_and_removes_the_container() {
         "echo before; sleep 300",
     ]);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(124),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 124);
     assert_eq!(text(&output.stdout), "before\n");
     assert_nothing_left(&run_id(&summary));
 }
@@ -475,7 +395,7 @@ fn unreachable_host_fails_with_125_within_the_connect_timeout() {
     let elapsed = started.elapsed();
     drop(silent);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(stderr.contains("no SSH answer"), "stderr: {stderr}");
     assert!(
         elapsed < Duration::from_secs(15),
@@ -491,7 +411,7 @@ fn missing_image_flag_fails_with_125_and_a_hint() {
         .env_remove("SPOTRUN_IMAGE");
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(
         stderr.contains("hint: name one with --image"),
         "stderr: {stderr}"
@@ -514,12 +434,7 @@ fn timeout_stops_a_job_that_floods_stdout_without_stalling_the_stop() {
     command.stdout(Stdio::null()).stderr(Stdio::piped());
     let started = Instant::now();
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(124),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 124);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the stop hung: {:?}",
@@ -533,12 +448,7 @@ fn output_that_starts_at_once_does_not_stall_the_start() {
     let (mut command, _) = host_run(&["--", "head", "-c", "30000000", "/dev/zero"]);
     command.stderr(Stdio::piped());
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(output.stdout.len(), 30_000_000);
     assert!(output.stdout.iter().all(|byte| *byte == 0));
 }
@@ -551,12 +461,7 @@ fn log_driver_of_kept_container(extra: &[&str]) -> String {
     args.extend_from_slice(&["--", "echo", "kept"]);
     let (mut command, summary) = host_run(&args);
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     let containers = containers_of_run(&run_id(&summary));
     assert_eq!(containers.len(), 1, "--keep-container kept {containers:?}");
     let inspect = std::process::Command::new("docker")
@@ -591,7 +496,7 @@ fn a_panic_after_the_start_still_removes_the_container_and_exits_125() {
     command.env("SPOTRUN_DEBUG_PANIC_AFTER_START", "1");
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(
         stderr.contains("internal error (panic)"),
         "stderr: {stderr}"
@@ -618,7 +523,7 @@ fn an_encrypted_identity_needs_its_passphrase() {
     command.env_remove("SPOTRUN_IDENTITY_PASSPHRASE");
     let output = finish(&mut command);
     let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "stderr: {stderr}");
+    assert_exit(&output, 125);
     assert!(
         stderr.contains("hint: an encrypted key needs SPOTRUN_IDENTITY_PASSPHRASE"),
         "stderr: {stderr}"
@@ -627,11 +532,6 @@ fn an_encrypted_identity_needs_its_passphrase() {
     let (mut command, _) = host_run(&["-i", key.to_str().unwrap(), "--", "echo", "unlocked"]);
     command.env("SPOTRUN_IDENTITY_PASSPHRASE", "correct horse");
     let output = finish(&mut command);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        text(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "unlocked\n");
 }

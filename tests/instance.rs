@@ -29,15 +29,6 @@ fn the_instance_of_run(run_id: &str) -> Value {
     instances.into_iter().next().unwrap()
 }
 
-fn assert_exit(output: &std::process::Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "stderr: {}",
-        text(&output.stderr)
-    );
-}
-
 #[test]
 fn a_job_runs_on_a_provisioned_spot_instance_and_its_exit_code_comes_back() {
     let (mut command, summary_path) = instance_run(

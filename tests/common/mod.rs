@@ -352,3 +352,13 @@ pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
             .map_err(|error| format!("{}", aws_sdk_ec2::error::DisplayErrorContext(error)))
     })
 }
+
+/// Asserts spotrun's exit code, showing its stderr when it differs.
+pub fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+}
