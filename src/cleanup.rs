@@ -155,7 +155,8 @@ impl Teardown {
         let container = self.lock().container.take();
         if let Some(record) = container {
             if record.keep {
-                tracing::info!(container = %container::short(&record.container_id), "keeping the container");
+                let container = container::short(&record.container_id);
+                tracing::info!(%container, "keeping the container");
             } else {
                 // An instance that is about to be terminated takes the job with it, so a grace
                 // period would only hold up the termination; on a host that stays, the job gets
@@ -185,12 +186,17 @@ impl Teardown {
         let instance_id = launch.instance_id.clone();
 
         if keep_instance && let Some(instance_id) = &instance_id {
-            tracing::warn!(instance = %instance_id, "keeping the instance after the failure (--keep-on-failure); it powers off at --max-lifetime");
+            tracing::warn!(
+                instance = %instance_id,
+                "keeping the instance after the failure (--keep-on-failure); \
+                 it powers off at --max-lifetime"
+            );
             return;
         }
         if let Some(instance_id) = &instance_id {
             if let Some(at) = signals.received_at() {
-                tracing::info!(instance = %instance_id, since_signal_ms = at.elapsed().as_millis() as u64, "terminating");
+                let since_signal_ms = at.elapsed().as_millis() as u64;
+                tracing::info!(instance = %instance_id, since_signal_ms, "terminating");
             } else {
                 tracing::info!(instance = %instance_id, "terminating");
             }
@@ -199,14 +205,17 @@ impl Teardown {
                 .terminate(std::slice::from_ref(instance_id))
                 .await
             {
-                tracing::error!(instance = %instance_id, error = %format!("{error:#}"), "failed to terminate; trying by tag");
+                let error = format!("{error:#}");
+                let instance = instance_id;
+                tracing::error!(%instance, %error, "failed to terminate; trying by tag");
             }
         }
         // The sweep by tag also catches an instance whose RunInstances answer never arrived.
         match launch.ec2.terminate_run(&launch.run_id).await {
             Ok(swept) => {
                 for instance_id in swept {
-                    tracing::info!(instance = %instance_id, run = %launch.run_id, "terminated by its run tag");
+                    let run = &launch.run_id;
+                    tracing::info!(instance = %instance_id, %run, "terminated by its run tag");
                 }
             }
             Err(error) => tracing::error!(
@@ -233,7 +242,8 @@ async fn remove_container(record: &ContainerRecord, grace: Duration) {
     match tokio::time::timeout(Duration::from_secs(30), remove).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
-            tracing::error!(container = %id, error = %format!("{error:#}"), "failed to remove the container")
+            let error = format!("{error:#}");
+            tracing::error!(container = %id, %error, "failed to remove the container")
         }
         Err(_) => tracing::error!(container = %id, "removing the container timed out"),
     }

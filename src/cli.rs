@@ -86,7 +86,12 @@ pub struct SshArgs {
     pub host_key_check: Option<HostKeyCheck>,
 
     /// Give up connecting after this long (per attempt for --host).
-    #[arg(long, env = "SPOTRUN_CONNECT_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "SPOTRUN_CONNECT_TIMEOUT",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
     pub connect_timeout: Option<Duration>,
 
     /// Docker's Unix socket on the remote side.
@@ -231,7 +236,8 @@ pub struct Ec2Args {
     )]
     pub subnet: Vec<String>,
 
-    /// Security group id, repeatable (it must let the caller reach port 22).
+    /// Security group id, repeatable (it must let the caller reach port 22); without one,
+    /// spotrun uses a group of its own that admits SSH from --ssh-cidr.
     #[arg(
         long,
         env = "SPOTRUN_SECURITY_GROUP",
@@ -239,6 +245,10 @@ pub struct Ec2Args {
         value_name = "SG_ID"
     )]
     pub security_group: Vec<String>,
+
+    /// Without --security-group: the IPv4 range spotrun's own group admits to SSH.
+    #[arg(long, env = "SPOTRUN_SSH_CIDR", value_name = "CIDR")]
+    pub ssh_cidr: Option<String>,
 
     /// Purchase option.
     #[arg(long, env = "SPOTRUN_MARKET", value_enum)]
@@ -274,11 +284,21 @@ pub struct Ec2Args {
     pub tag: Vec<String>,
 
     /// The instance powers itself off after this long, even if spotrun is killed.
-    #[arg(long, env = "SPOTRUN_MAX_LIFETIME", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "SPOTRUN_MAX_LIFETIME",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
     pub max_lifetime: Option<Duration>,
 
     /// Give up if the instance's sshd and Docker do not answer within this long.
-    #[arg(long, env = "SPOTRUN_BOOT_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "SPOTRUN_BOOT_TIMEOUT",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
     pub boot_timeout: Option<Duration>,
 
     /// Which instance address to connect to.

@@ -93,6 +93,7 @@ pub struct Ec2Settings {
     pub instance_types: Vec<String>,
     pub subnets: Vec<String>,
     pub security_groups: Vec<String>,
+    pub ssh_cidr: String,
     pub market: MarketArg,
     pub max_price: Option<String>,
     pub ssh_user: String,
@@ -139,6 +140,7 @@ struct Profile {
     instance_type: Option<Vec<String>>,
     subnet: Option<Vec<String>>,
     security_group: Option<Vec<String>>,
+    ssh_cidr: Option<String>,
     market: Option<MarketArg>,
     max_price: Option<String>,
     ssh_user: Option<String>,
@@ -163,8 +165,9 @@ impl Profile {
         layer!(profile, base; host, identity, known_hosts, host_key, host_key_check,
             connect_timeout, docker_socket, image, pull, registry_user, registry_auth, env,
             workdir, container_user, log_driver, timeout, stop_grace, region, endpoint_url, ami,
-            instance_type, subnet, security_group, market, max_price, ssh_user, ssh_port,
-            volume_size, iam_instance_profile, tags, max_lifetime, boot_timeout, address)
+            instance_type, subnet, security_group, ssh_cidr, market, max_price, ssh_user,
+            ssh_port, volume_size, iam_instance_profile, tags, max_lifetime, boot_timeout,
+            address)
     }
 }
 
@@ -420,6 +423,12 @@ fn ec2_settings(args: Ec2Args, file: Profile) -> Result<Ec2Settings> {
         security_groups: non_empty(args.security_group)
             .or(file.security_group)
             .unwrap_or_default(),
+        ssh_cidr: ipv4_cidr(
+            args.ssh_cidr
+                .or(file.ssh_cidr)
+                .as_deref()
+                .unwrap_or("0.0.0.0/0"),
+        )?,
         market: args.market.or(file.market).unwrap_or(MarketArg::Spot),
         max_price: args.max_price.or(file.max_price),
         ssh_user: args
@@ -445,6 +454,18 @@ fn ec2_settings(args: Ec2Args, file: Profile) -> Result<Ec2Settings> {
         address: args.address.or(file.address).unwrap_or(AddressArg::Public),
         keep_on_failure: args.keep_on_failure,
     })
+}
+
+/// An IPv4 range as EC2 security group rules take it.
+fn ipv4_cidr(text: &str) -> Result<String> {
+    let valid = text.split_once('/').is_some_and(|(address, prefix)| {
+        address.parse::<std::net::Ipv4Addr>().is_ok()
+            && prefix.parse::<u8>().is_ok_and(|prefix| prefix <= 32)
+    });
+    if !valid {
+        bail!("--ssh-cidr `{text}` is not an IPv4 range like 203.0.113.0/24");
+    }
+    Ok(text.to_owned())
 }
 
 fn non_empty(values: Vec<String>) -> Option<Vec<String>> {
@@ -483,6 +504,14 @@ mod tests {
     fn unknown_keys_and_profiles_are_errors() {
         assert!(parse_profile("regoin = \"x\"", None).is_err());
         assert!(parse_profile(FILE, Some("small")).is_err());
+    }
+
+    #[test]
+    fn ssh_cidr_must_be_an_ipv4_range() {
+        assert_eq!(ipv4_cidr("203.0.113.7/32").unwrap(), "203.0.113.7/32");
+        assert!(ipv4_cidr("203.0.113.7").is_err());
+        assert!(ipv4_cidr("203.0.113.7/33").is_err());
+        assert!(ipv4_cidr("2001:db8::/32").is_err());
     }
 
     #[test]

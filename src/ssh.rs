@@ -202,7 +202,9 @@ impl Handler {
                         .with_context(|| {
                             format!("Failed to add the host key to `{}`", path.display())
                         })?;
-                        tracing::warn!(host = %self.target.host, %fingerprint, path = %path.display(), "added a new host key");
+                        let host = &self.target.host;
+                        let path = path.display();
+                        tracing::warn!(%host, %fingerprint, %path, "added a new host key");
                         Ok(HostKeyVerdict::Accepted)
                     }
                 }

@@ -632,7 +632,8 @@ fn cached_debian_root() -> PathBuf {
     let output = Command::new(&script).arg("--existing").output().unwrap();
     assert!(
         output.status.success(),
-        "no Debian root for the provisioning scripts: run scripts/ami-test-root (scripts/test does)\n{}",
+        "no Debian root for the provisioning scripts: run scripts/ami-test-root \
+         (scripts/test does)\n{}",
         describe(&output)
     );
     let root = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());

@@ -175,6 +175,9 @@ fn unknown_image_fails_with_125() {
     assert_nothing_left(&run_id(&summary));
 }
 
+/// A valid ed25519 key that belongs to no host of the local cloud.
+const OTHER_HOST_KEY: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIGL7tQwR4gIDj2Pa6e0MLqVWPKTdlHSjlEd6dZvJxHiU";
+
 #[test]
 fn wrong_host_key_is_refused_with_125_and_no_container_is_created() {
     let known_hosts = temp_path("known_hosts");
@@ -183,7 +186,7 @@ fn wrong_host_key_is_refused_with_125_and_no_container_is_created() {
     // A valid key, but not the host's.
     std::fs::write(
         &known_hosts,
-        format!("[{address}]:{port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGL7tQwR4gIDj2Pa6e0MLqVWPKTdlHSjlEd6dZvJxHiU\n"),
+        format!("[{address}]:{port} ssh-ed25519 {OTHER_HOST_KEY}\n"),
     )
     .unwrap();
     let (mut command, summary) =

@@ -760,3 +760,94 @@ fn a_panic_after_the_start_still_terminates_the_instance_and_exits_125() {
     assert_eq!(the_instance_of_run(&run_id)["state"], "terminated");
     assert_nothing_left(&run_id);
 }
+
+/// One ingress rule: protocol, first and last port, source ranges.
+type Rule = (String, i32, i32, Vec<String>);
+
+/// A security group's name and ingress rules.
+fn ingress_of(group_id: &str) -> (String, Vec<Rule>) {
+    with_ec2(async |client| {
+        let output = client
+            .describe_security_groups()
+            .group_ids(group_id)
+            .send()
+            .await
+            .unwrap();
+        let group = &output.security_groups()[0];
+        let rules = group
+            .ip_permissions()
+            .iter()
+            .map(|rule| {
+                let cidrs = rule
+                    .ip_ranges()
+                    .iter()
+                    .filter_map(|range| range.cidr_ip())
+                    .map(str::to_owned)
+                    .collect();
+                (
+                    rule.ip_protocol().unwrap_or_default().to_owned(),
+                    rule.from_port().unwrap_or_default(),
+                    rule.to_port().unwrap_or_default(),
+                    cidrs,
+                )
+            })
+            .collect();
+        (group.group_name().unwrap_or_default().to_owned(), rules)
+    })
+}
+
+fn security_groups_of_run(run_id: &str) -> Vec<String> {
+    let request = &the_instance_of_run(run_id)["request"];
+    request["SecurityGroupIds"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .map(|id| id.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn without_a_security_group_spotrun_uses_its_own_that_admits_only_ssh() {
+    let (mut command, summary) =
+        instance_run("c7i.2xlarge", &["--ssh-cidr", "127.0.0.0/8", "--", "true"]);
+    assert_exit(&finish(&mut command), 0);
+    let first_run = run_id(&summary);
+    let groups = security_groups_of_run(&first_run);
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let (name, rules) = ingress_of(&groups[0]);
+    assert_eq!(name, "spotrun-ssh-22-from-127-0-0-0-8");
+    assert_eq!(
+        rules,
+        [("tcp".to_owned(), 22, 22, vec!["127.0.0.0/8".to_owned()])]
+    );
+    assert_nothing_left(&first_run);
+
+    // The next run with the same range reuses the group instead of piling up new ones.
+    let (mut command, summary) =
+        instance_run("c7i.2xlarge", &["--ssh-cidr", "127.0.0.0/8", "--", "true"]);
+    assert_exit(&finish(&mut command), 0);
+    let second_run = run_id(&summary);
+    assert_eq!(security_groups_of_run(&second_run), groups);
+    assert_nothing_left(&second_run);
+
+    // A group the user names is used as it is.
+    let (mut command, summary) = instance_run(
+        "c7i.2xlarge",
+        &["--security-group", &groups[0], "--", "true"],
+    );
+    assert_exit(&finish(&mut command), 0);
+    let third_run = run_id(&summary);
+    assert_eq!(security_groups_of_run(&third_run), groups);
+    assert_nothing_left(&third_run);
+}
+
+#[test]
+fn an_ssh_cidr_that_is_not_an_ipv4_range_is_refused_before_any_launch() {
+    let (mut command, _) = instance_run("c7i.4xlarge", &["--ssh-cidr", "everyone", "--", "true"]);
+    let output = finish(&mut command);
+    assert_exit(&output, 125);
+    assert!(text(&output.stderr).contains("not an IPv4 range"));
+    assert!(instances_of_type("c7i.4xlarge").is_empty());
+}

@@ -156,11 +156,10 @@ async fn on_instance(
     report: &Report,
 ) -> Result<Outcome> {
     let ec2_settings = &settings.ec2;
-    let ami = ec2_settings
-        .ami
-        .clone()
-        .context("No AMI to launch")
-        .hint("name one with --ami (or SPOTRUN_AMI); ami/ builds one, or use --host for an existing machine")?;
+    let ami = ec2_settings.ami.clone().context("No AMI to launch").hint(
+        "name one with --ami (or SPOTRUN_AMI); ami/ builds one, \
+             or use --host for an existing machine",
+    )?;
     let ec2 = Arc::new(
         Ec2::connect(
             settings.aws.region.as_deref(),
@@ -190,12 +189,24 @@ async fn on_instance(
     }
     .render();
 
+    let security_groups = if ec2_settings.security_groups.is_empty() {
+        let subnet = ec2_settings.subnets.first().map(String::as_str);
+        let group = ec2
+            .ssh_security_group(subnet, &ec2_settings.ssh_cidr, ec2_settings.ssh_port)
+            .await
+            .context("Failed to prepare a security group that admits SSH")
+            .hint("name one with --security-group")?;
+        vec![group]
+    } else {
+        ec2_settings.security_groups.clone()
+    };
+
     let request = LaunchRequest {
         run_id: run_id.to_owned(),
         ami,
         instance_types: ec2_settings.instance_types.clone(),
         subnets: ec2_settings.subnets.clone(),
-        security_groups: ec2_settings.security_groups.clone(),
+        security_groups,
         market: match ec2_settings.market {
             MarketArg::Spot => Market::Spot,
             MarketArg::OnDemand => Market::OnDemand,
@@ -242,7 +253,12 @@ async fn on_instance(
         // itself; EC2 says which.
         Err(error) => match ec2.status(&instance.instance_id).await {
             Ok(status) if status.was_interrupted() => {
-                tracing::error!(instance = %instance.instance_id, state = %status.state, reason = ?status.state_reason_code, "spot instance interrupted");
+                tracing::error!(
+                    instance = %instance.instance_id,
+                    state = %status.state,
+                    reason = ?status.state_reason_code,
+                    "spot instance interrupted"
+                );
                 Ok(Outcome::SpotInterrupted)
             }
             _ => Err(error),
@@ -363,7 +379,8 @@ async fn reach(
             Err(ConnectError::Refused(error)) => return Err(error),
             Err(ConnectError::Unreachable(error)) => error,
         };
-        tracing::debug!(target = %target, attempts, error = %format!("{last_error:#}"), "not reachable yet");
+        let error = format!("{last_error:#}");
+        tracing::debug!(%target, attempts, %error, "not reachable yet");
         let next = if is_refused(&last_error) {
             REFUSED_RETRY
         } else {
@@ -389,7 +406,10 @@ fn is_refused(error: &anyhow::Error) -> bool {
     let refused = |io: &std::io::Error| io.kind() == std::io::ErrorKind::ConnectionRefused;
     error.chain().any(|cause| {
         cause.downcast_ref::<std::io::Error>().is_some_and(refused)
-            || matches!(cause.downcast_ref::<russh::Error>(), Some(russh::Error::IO(io)) if refused(io))
+            || matches!(
+                cause.downcast_ref::<russh::Error>(),
+                Some(russh::Error::IO(io)) if refused(io)
+            )
     })
 }
 

@@ -58,7 +58,8 @@ pub async fn run(
     let outcome = {
         let run_to_end = async {
             container::start(docker, &container_id).await?;
-            tracing::info!(container = %container::short(&container_id), image = %job.image, "started");
+            let container = container::short(&container_id);
+            tracing::info!(%container, image = %job.image, "started");
             if job.panic_after_start {
                 panic!("SPOTRUN_DEBUG_PANIC_AFTER_START is set");
             }
@@ -77,9 +78,12 @@ pub async fn run(
             Some(timeout) => tokio::select! {
                 status = &mut finished => Outcome::Exited(status?),
                 _ = tokio::time::sleep(timeout) => {
-                    tracing::warn!(timeout = %humantime::format_duration(timeout), "job timed out; stopping it");
-                    let drained = tokio::time::timeout(job.stop_grace + DRAIN_AFTER_STOP, &mut finished);
-                    let (stopped, _) = tokio::join!(container::stop(docker, &container_id, job.stop_grace), drained);
+                    let timeout = humantime::format_duration(timeout);
+                    tracing::warn!(%timeout, "job timed out; stopping it");
+                    let grace = job.stop_grace;
+                    let stopping = container::stop(docker, &container_id, grace);
+                    let drained = tokio::time::timeout(grace + DRAIN_AFTER_STOP, &mut finished);
+                    let (stopped, _) = tokio::join!(stopping, drained);
                     stopped?;
                     Outcome::TimedOut
                 }

@@ -121,7 +121,8 @@ impl<Out: Write, Err: Write> Sink<Out, Err> {
         let Err(error) = self.copy(output, OutputCursor::default()).await? else {
             return Ok(());
         };
-        tracing::warn!(error = %error, cursor = ?self.cursor, "output stream broke; resuming from the container log");
+        let cursor = self.cursor;
+        tracing::warn!(%error, ?cursor, "output stream broke; resuming from the container log");
         let logs = follow_logs(docker, container_id);
         let delivered = self.cursor;
         match self.copy(logs, delivered).await? {

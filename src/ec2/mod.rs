@@ -4,8 +4,8 @@
 //! instances (markets, lifecycles, states). The steps live in their own files: `launch` (the
 //! RunInstances parameters), `candidates` (what each attempt tries, and when to move on),
 //! `address` (waiting for an address), `instances` (status, termination, listing and reaping),
-//! `tags`, `user_data`, `pricing` and `ecr`. It does not know about SSH, Docker or signals; the
-//! caller decides when to terminate.
+//! `tags`, `user_data`, `pricing`, `security_group` and `ecr`. It does not know about SSH,
+//! Docker or signals; the caller decides when to terminate.
 
 pub mod address;
 mod candidates;
@@ -13,6 +13,7 @@ pub mod ecr;
 pub mod instances;
 pub mod launch;
 pub mod pricing;
+pub mod security_group;
 pub mod tags;
 pub mod user_data;
 

@@ -327,12 +327,8 @@ impl Drop for Faults {
     }
 }
 
-/// Terminates instances through the EC2 API, as an operator would; for instances a test kept
-/// alive on purpose.
-pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
-    if instance_ids.is_empty() {
-        return Ok(());
-    }
+/// Runs `work` with an EC2 client of the local cloud's emulator, as an operator's tool would.
+pub fn with_ec2<T>(work: impl AsyncFnOnce(aws_sdk_ec2::Client) -> T) -> T {
     assert_local_aws_environment();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -343,7 +339,18 @@ pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
             .endpoint_url(cloud("AWS_ENDPOINT_URL"))
             .load()
             .await;
-        aws_sdk_ec2::Client::new(&config)
+        work(aws_sdk_ec2::Client::new(&config)).await
+    })
+}
+
+/// Terminates instances through the EC2 API, as an operator would; for instances a test kept
+/// alive on purpose.
+pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
+    if instance_ids.is_empty() {
+        return Ok(());
+    }
+    with_ec2(async |client| {
+        client
             .terminate_instances()
             .set_instance_ids(Some(instance_ids.to_vec()))
             .send()
