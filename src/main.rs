@@ -34,7 +34,8 @@ fn main() {
     init_logging(cli.verbose, cli.quiet);
 
     // Two workers carry one SSH session and one container's output; a small blocking pool
-    // (stdout writes, file reads) keeps threads, and their memory, few.
+    // (the threads `block_in_place` hands work to while stdout is written, file reads) keeps
+    // threads, and their memory, few.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(4)

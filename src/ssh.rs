@@ -230,15 +230,17 @@ impl client::Handler for Handler {
     }
 }
 
-/// A TCP stream that acknowledges every read at once.
+/// A TCP stream that acknowledges short reads at once.
 ///
 /// sshd leaves Nagle's algorithm on for non-interactive sessions, so when it answers a request
 /// with several small packets (its `Remote:` debug lines, then a channel confirmation) the last
 /// one waits for our ACK of the first, which the kernel delays by up to 40 ms because we have
 /// nothing to send meanwhile. Quick ACKs remove that stall from every channel open, a large
-/// share of a short job's run time; the cost is one setsockopt per read.
+/// share of a short job's run time.
 struct QuickAck(tokio::net::TcpStream);
 
+/// Only a read shorter than this can be the tail of a request's answer; during a bulk stream
+/// the reads are full and their ACKs go out anyway, so the setsockopt is skipped there.
 const SHORT_READ: usize = 4096;
 
 impl tokio::io::AsyncRead for QuickAck {
@@ -249,9 +251,7 @@ impl tokio::io::AsyncRead for QuickAck {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buffer.filled().len();
         let polled = std::pin::Pin::new(&mut self.0).poll_read(context, buffer);
-        // Only short reads can be the tail of a request's answer; during a bulk stream the
-        // reads are full and their ACKs go out anyway, so the syscall is skipped there. A
-        // failure is harmless: it only brings the delayed ACK back.
+        // A failure is harmless: it only brings the delayed ACK back.
         if polled.is_ready() && buffer.filled().len() - before < SHORT_READ {
             let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
         }

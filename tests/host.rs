@@ -241,12 +241,7 @@ fn host_key_can_be_pinned_by_key_or_fingerprint() {
 
     let key_file = temp_path("host.pub");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
-    let fingerprint = std::process::Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    let fingerprint = text(&fingerprint.stdout)
+    let fingerprint = ssh_keygen(&["-lf"], &key_file)
         .split_whitespace()
         .nth(1)
         .unwrap()
@@ -270,17 +265,7 @@ fn host_key_can_be_pinned_by_key_or_fingerprint() {
 fn hashed_known_hosts_entries_are_honoured() {
     let known_hosts = temp_path("known_hosts");
     std::fs::copy(cloud("LOCAL_CLOUD_KNOWN_HOSTS"), &known_hosts).unwrap();
-    let hashed = std::process::Command::new("ssh-keygen")
-        .arg("-H")
-        .arg("-f")
-        .arg(&known_hosts)
-        .output()
-        .unwrap();
-    assert!(
-        hashed.status.success(),
-        "ssh-keygen -H: {}",
-        text(&hashed.stderr)
-    );
+    ssh_keygen(&["-H", "-f"], &known_hosts);
     assert!(
         std::fs::read_to_string(&known_hosts)
             .unwrap()
@@ -511,16 +496,7 @@ fn a_panic_after_the_start_still_removes_the_container_and_exits_125() {
 fn an_encrypted_identity_needs_its_passphrase() {
     let key = temp_path("id_ed25519");
     std::fs::copy(cloud("LOCAL_CLOUD_IDENTITY"), &key).unwrap();
-    let encrypted = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-p", "-N", "correct horse", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        encrypted.status.success(),
-        "ssh-keygen -p: {}",
-        text(&encrypted.stderr)
-    );
+    ssh_keygen(&["-q", "-p", "-N", "correct horse", "-f"], &key);
 
     let (mut command, _) = host_run(&["-i", key.to_str().unwrap(), "--", "true"]);
     command.env_remove("SPOTRUN_IDENTITY_PASSPHRASE");

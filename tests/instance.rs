@@ -620,18 +620,7 @@ fn public_key_of(private_key: &str) -> String {
     let path = dir.path().join("key");
     std::fs::write(&path, private_key).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let output = Command::new("ssh-keygen")
-        .arg("-y")
-        .arg("-f")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "ssh-keygen -y: {}",
-        text(&output.stderr)
-    );
-    key_blob(&text(&output.stdout))
+    key_blob(&ssh_keygen(&["-y", "-f"], &path))
 }
 
 fn tag<'a>(request: &'a Value, key: &str) -> Option<&'a str> {

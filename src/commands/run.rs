@@ -17,7 +17,7 @@ use crate::cli::{AddressArg, HostKeyCheck, MarketArg, RegistryAuth};
 use crate::docker::{job, registry};
 use crate::ec2::{self, AddressKind, Ec2, Instance, LaunchError, LaunchRequest, Market};
 use crate::exit::{HintExt, Outcome};
-use crate::settings::{AwsSettings, RunSettings};
+use crate::settings::RunSettings;
 use crate::ssh::{ConnectError, HostKeyPolicy, Identity, PinnedKey, SshSession, SshTarget};
 use crate::summary::{InstanceSummary, Summary};
 use crate::tunnel;
@@ -142,10 +142,7 @@ async fn on_host(
         .with_context(|| format!("Failed to connect to `{target}`"))?;
     let docker = tunnel::docker_over_ssh(Arc::new(session), &ssh.docker_socket).await?;
 
-    // The session stays open until teardown is done with it: the Docker client recorded there
-    // holds it, and removing a container after a failure needs it.
-    let credentials = registry_credentials(settings, &settings.aws).await?;
-    job::run(&docker, &settings.job, credentials, run_id, teardown).await
+    run_job(settings, &docker, run_id, teardown).await
 }
 
 /// The job on a freshly launched instance.
@@ -345,10 +342,7 @@ async fn job_on_instance(
         )
     })?;
 
-    // The session stays open until teardown is done with it: the Docker client recorded there
-    // holds it, and removing a container after a failure needs it.
-    let credentials = registry_credentials(settings, &settings.aws).await?;
-    job::run(&docker, &settings.job, credentials, run_id, teardown).await
+    run_job(settings, &docker, run_id, teardown).await
 }
 
 /// Retries SSH with a short growing backoff until sshd answers with our host key and Docker
@@ -384,7 +378,9 @@ async fn reach(
         let next = if is_refused(&last_error) {
             REFUSED_RETRY
         } else {
-            wait
+            let next = wait;
+            wait = (wait * 3 / 2).min(RETRY_CAP);
+            next
         };
         if tokio::time::Instant::now() + next >= deadline {
             return Err(last_error)
@@ -396,9 +392,6 @@ async fn reach(
                 );
         }
         tokio::time::sleep(next).await;
-        if next == wait {
-            wait = (wait * 3 / 2).min(RETRY_CAP);
-        }
     }
 }
 
@@ -419,11 +412,21 @@ fn generate_key() -> Result<PrivateKey> {
 }
 
 /// Credentials for the pull: an explicit login wins, then ECR, then the docker config.
-async fn registry_credentials(
+/// The job on a reached Docker host. The SSH session stays open until teardown is done with
+/// it: the Docker client recorded there holds it, and removing a container after a failure
+/// needs it.
+async fn run_job(
     settings: &RunSettings,
-    aws: &AwsSettings,
-) -> Result<Option<DockerCredentials>> {
-    let job = &settings.job;
+    docker: &Docker,
+    run_id: &str,
+    teardown: &Teardown,
+) -> Result<Outcome> {
+    let credentials = registry_credentials(settings).await?;
+    job::run(docker, &settings.job, credentials, run_id, teardown).await
+}
+
+async fn registry_credentials(settings: &RunSettings) -> Result<Option<DockerCredentials>> {
+    let (job, aws) = (&settings.job, &settings.aws);
     if let Some(login) = &job.registry_login {
         return Ok(Some(registry::from_login(
             &job.image,

@@ -121,10 +121,9 @@ impl<Out: Write, Err: Write> Sink<Out, Err> {
         let Err(error) = self.copy(output, OutputCursor::default()).await? else {
             return Ok(());
         };
-        let cursor = self.cursor;
-        tracing::warn!(%error, ?cursor, "output stream broke; resuming from the container log");
-        let logs = follow_logs(docker, container_id);
         let delivered = self.cursor;
+        tracing::warn!(%error, ?delivered, "output stream broke; resuming from the container log");
+        let logs = follow_logs(docker, container_id);
         match self.copy(logs, delivered).await? {
             Ok(()) => Ok(()),
             Err(error) => Err(error).context("Failed to read the container's output"),

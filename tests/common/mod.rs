@@ -360,6 +360,21 @@ pub fn terminate_instances(instance_ids: &[String]) -> Result<(), String> {
     })
 }
 
+/// Runs `ssh-keygen ARGS FILE`, which must succeed, and returns its stdout.
+pub fn ssh_keygen(args: &[&str], file: &std::path::Path) -> String {
+    let output = Command::new("ssh-keygen")
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ssh-keygen {args:?}: {}",
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
 /// Asserts spotrun's exit code, showing its stderr when it differs.
 pub fn assert_exit(output: &Output, code: i32) {
     assert_eq!(
